@@ -1,0 +1,1 @@
+"""Headless Kandinsky 5 LoRA trainer: `python -m trainer`."""
