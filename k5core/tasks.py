@@ -74,7 +74,7 @@ class Task:
     dit: DiTParams
     steps: int = 50
     guidance: float = 5.0
-    shift: float = 10.0        # scheduler_scale of the official pipelines
+    shift: float = 10.0        # scheduler_scale: the config's metrics value, else the pipeline default
     resolution: int = 512
     buckets: tuple[tuple[int, int], ...] = BUCKETS_512
     scale_factor: tuple[float, float, float] = (1.0, 2.0, 2.0)  # RoPE positions divided by this
@@ -121,6 +121,7 @@ def _lite_t2v(seconds: int, variant: str, checkpoint: str) -> Task:
     return Task(
         name=f"k5-lite-t2v-{seconds}s-sd{suffix}", mode="t2v", dit=LITE,
         steps=16 if distil else 50,
+        shift=5.0 if (distil and seconds == 5) else 10.0,  # configs' metrics.scheduler_scale
         guidance=1.0 if variant in ("nocfg", "distil") else 5.0,
         attention=NABLA if seconds == 10 else Attention(),
         frames=seconds * 24 + 1, checkpoint=checkpoint, variant=variant)
@@ -133,6 +134,7 @@ def _pro(mode: str, seconds: int, hd: bool, checkpoint: str) -> Task:
         resolution=1024 if hd else 512, buckets=BUCKETS_1024 if hd else BUCKETS_512,
         scale_factor=(1.0, 3.16, 3.16) if hd else (1.0, 2.0, 2.0),
         attention=replace(NABLA, P=p) if p else Attention(),
+        shift=5.0 if (mode == "i2v" and hd) else 10.0,  # configs' metrics.scheduler_scale
         frames=seconds * 24 + 1, checkpoint=checkpoint)
 
 
