@@ -306,8 +306,13 @@ class K5DiT(nn.Module):
         time_embed = self.time_embeddings(timestep) + self.pooled_text_embeddings(pooled_text_embed)
         return text, time_embed, self.text_rope_embeddings(text.shape[1], text.device)
 
+    block_runner = None  # k5core.offload's BlockRunner (block swap, gradient checkpointing) when set
+
     def run_visual_blocks(self, visual, text, time_embed, rope, text_mask, nabla):
         """Run the decoder blocks in order; memory managers (k5core.offload) wrap this loop."""
+        if self.block_runner is not None:
+            return self.block_runner(self.visual_transformer_blocks, visual, text, time_embed, rope,
+                                     text_mask, nabla)
         for block in self.visual_transformer_blocks:
             visual = block(visual, text, time_embed, rope, text_mask, nabla)
         return visual

@@ -2,7 +2,8 @@
 
 Reads safetensors files, diffusers folders (config.json + one or sharded safetensors) and `.pt`
 files (only with `weights_only=True`). Key layouts: official (= diffusers' Kandinsky5Transformer3DModel)
-and ComfyUI's `model.diffusion_model.` prefix. The model is built on the meta device and filled with
+and ComfyUI's `model.diffusion_model.` prefix; fp8 weights with scales (ComfyUI scaled fp8, musubi-tuner)
+and quantize-on-load go through k5core.fp8.Fp8Plan. The model is built on the meta device and filled with
 `load_state_dict(assign=True)`, tensor by tensor, so peak RAM stays near one copy of the weights.
 The task is inferred from tensor shapes (and the file name, where shapes are shared) when not given.
 """
@@ -18,6 +19,8 @@ from safetensors import safe_open
 
 from .dit import K5DiT
 from .files import read_safetensors_header
+from .fp8 import Fp8Plan
+from .fp8 import granularity as fp8_granularity
 from .tasks import TASKS, DiTParams, Task, get_task, tasks_for_dit
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "model.")
@@ -178,7 +181,10 @@ def build_dit(task: Task, dtype=None, device="cpu", attention: str = "sdpa") -> 
 def load_dit(path, task: str | Task | None = None, dtype=None, device="cpu", fp8=None,
              attention: str = "sdpa") -> K5DiT:
     """Load a DiT checkpoint; `task` is inferred from shapes when None. `dtype` None keeps the
-    file's floating dtype; `fp8` ("e4m3fn" / "e4m3fn_scaled") stores block Linear weights in fp8."""
+    file's floating dtype; `fp8` ("e4m3fn" / "e4m3fn_scaled") stores block Linear weights in fp8
+    (k5core.fp8). Pre-quantized files (ComfyUI scaled fp8, musubi-tuner) load as they are."""
+    if fp8 is not None:
+        fp8_granularity(fp8)
     path = Path(path)
     files = checkpoint_files(path)
     shapes = read_shapes(files)
@@ -189,23 +195,20 @@ def load_dit(path, task: str | Task | None = None, dtype=None, device="cpu", fp8
         task = infer_task(params, path)
     else:
         check_task_fits(task, params, path)
-    with torch.device("meta"):
-        model = K5DiT(task.dit, task.attention, backend=attention)
-    state = {}
-    for key, tensor in iter_tensors(files):
-        if key.startswith(prefix):
-            state[key[len(prefix):]] = _convert(tensor, dtype, device)
+    try:
+        plan = Fp8Plan({k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}, fp8, str(path))
+        with torch.device("meta"):
+            model = K5DiT(task.dit, task.attention, backend=attention)
+        plan.apply(model)
+        tensors = ((k[len(prefix):], t) for k, t in iter_tensors(files) if k.startswith(prefix))
+        state = dict(plan.convert(tensors, dtype, device))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     _check_keys(model, state, path)
     model.load_state_dict(state, strict=True, assign=True)
     model.task = task
     model.source = str(path)
     return model
-
-
-def _convert(t: torch.Tensor, dtype, device) -> torch.Tensor:
-    if dtype is not None and t.is_floating_point():
-        t = t.to(dtype)
-    return t.to(device)
 
 
 def _check_keys(model: K5DiT, state: dict, path: Path) -> None:
