@@ -1,16 +1,13 @@
 """ComfyUI node classes of the pack (thin adapters over k5core), merged from one module per family.
 
-`train` (the LoRA training nodes) joins when its file exists; an import error in any family is not
-swallowed, so ComfyUI's log names the real cause instead of silently losing nodes.
+An import error in any family is not swallowed, so ComfyUI's log names the real cause instead of
+silently losing nodes.
 """
 import importlib
-from pathlib import Path
 
 from . import cache, comfy
 
-FAMILIES = ["loaders", "lora", "encode", "sample", "vae", "video"]
-if (Path(__file__).parent / "train.py").is_file():
-    FAMILIES.append("train")
+FAMILIES = ["loaders", "lora", "encode", "sample", "vae", "video", "train"]
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}

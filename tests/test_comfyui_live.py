@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_nodes import tiny_models
+from node_harness import tiny_models
 from test_workflows import NAMES, load, tiny_graph
 
 COMFYUI = os.environ.get("COMFYUI_PATH", "")

@@ -22,14 +22,6 @@ TASK = "k5-tiny-t2v"
 RANK, ALPHA = 4, 2.0          # scale 1/2: exact in every dtype
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls run fastest on one thread (and do not fight other test processes for cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_model(seed=0, dtype=torch.float32):
     model = build_dit(get_task(TASK))

@@ -1,85 +1,20 @@
 """The ComfyUI nodes, called as ComfyUI calls them, on tiny model files in temp model folders.
 
-`call(node, **inputs)` is what ComfyUI's executor does for one node: check the inputs against
-INPUT_TYPES (required present, nothing unknown, combo values listed, numbers in range, own socket
-types carrying the right objects), call FUNCTION, and check the outputs against RETURN_TYPES.
-test_workflows.py reuses `call`, `tiny_models` and `TINY`.
+Nodes run through node_harness.call, which checks inputs and outputs as ComfyUI's executor does.
 """
 from __future__ import annotations
 
-import math
 import shutil
-import sys
-import types
 from pathlib import Path
 
 import pytest
 import torch
 
 import nodes
+from node_harness import MAPPINGS, SIZE, SOCKETS, TINY, is_latent, call, decode, encode, loaders, sample
 from nodes import comfy
-from nodes.cache import CACHE, EMBEDS, LoraSpec, ModelHandle, TextEncoderHandle, VAEHandle
+from nodes.cache import CACHE, EMBEDS, LoraSpec
 from nodes.encode import Embeds
-
-MAPPINGS = nodes.NODE_CLASS_MAPPINGS
-SIZE = dict(width=32, height=32)          # the smallest size the tiny tasks take: fast
-STEPS = 2
-TINY = {  # dropdown names of the tiny files under <root>/models
-    "t2v": "k5-tiny-t2v-s0.safetensors", "i2v": "k5-tiny-i2v-s0.safetensors", "t2i": "k5-tiny-t2i-s0.safetensors",
-    "qwen": "qwen_2.5_vl_7b_tiny.safetensors", "clip": "clip_l_tiny.safetensors", "clip_folder": "clip-vit-tiny",
-    "hunyuan": "hunyuan_video_vae_tiny.safetensors", "flux": "ae_tiny.safetensors", "lora": "tiny_t2v_lora.safetensors",
-}
-
-
-# ----------------------------------------------------------------------------- tiny model folders
-def tiny_models(root: Path) -> Path:
-    """Write every tiny model once into `root` (a miniature ComfyUI install: comfy/<tokenizers> and
-    models/<folders>); returns the models folder. Later calls reuse the files."""
-    models, done = root / "models", root / "models.done"
-    if not done.exists():
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            _write_tiny_models(root, models)
-        finally:
-            torch.set_num_threads(threads)
-        done.write_text("ok")
-    return models
-
-
-def _write_tiny_models(root: Path, models: Path) -> None:
-    from k5core.lora import LoRANetwork
-    from k5core.loading import load_dit
-    from k5core.tiny.dit import write_tiny_dit
-    from k5core.tiny.text import make_tiny_text_encoders
-    from k5core.tiny.vae import make_tiny_flux_vae, make_tiny_hunyuan_vae
-
-    text = make_tiny_text_encoders(root)
-    shutil.copytree(text["clip_folder"], models / "text_encoders" / TINY["clip_folder"])
-    for task in ("k5-tiny-t2v", "k5-tiny-i2v", "k5-tiny-t2i"):
-        write_tiny_dit(models / "diffusion_models", task)
-    make_tiny_hunyuan_vae(models / "vae")
-    make_tiny_flux_vae(models / "vae")
-    net = LoRANetwork(load_dit(models / "diffusion_models" / TINY["t2v"]), rank=4, alpha=4)
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(7)
-        for a in net.adapters().values():
-            a.lora_up.weight.copy_(torch.randn(a.lora_up.weight.shape, generator=g) * 0.5)
-    net.save(models / "loras" / TINY["lora"])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are all per-op overhead: one thread is faster, and spares a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def models_dir(tmp_path_factory):
-    return tiny_models(tmp_path_factory.getbasetemp() / "k5-tiny-models")
 
 
 @pytest.fixture(autouse=True)
@@ -90,92 +25,6 @@ def folders(models_dir, tmp_path, monkeypatch):
     return tmp_path / "output"
 
 
-# ----------------------------------------------------------------------------- calling nodes
-def _is_image(v) -> bool:
-    return isinstance(v, torch.Tensor) and v.dim() == 4 and v.shape[-1] == 3 and v.dtype == torch.float32 \
-        and float(v.min()) >= 0.0 and float(v.max()) <= 1.0
-
-
-def _is_latent(v) -> bool:
-    s = v.get("samples") if isinstance(v, dict) else None
-    return isinstance(s, torch.Tensor) and s.dim() == 5 and s.shape[1] == 16 and v.get("kind") in ("hunyuan", "flux")
-
-
-SOCKETS = {
-    "K5_MODEL": lambda v: isinstance(v, ModelHandle),
-    "K5_TEXT_ENCODER": lambda v: isinstance(v, TextEncoderHandle),
-    "K5_VAE": lambda v: isinstance(v, VAEHandle),
-    "K5_EMBEDS": lambda v: isinstance(v, Embeds),
-    "K5_LATENT": _is_latent,
-    "K5_LORA": lambda v: isinstance(v, (str, Path)),
-    "IMAGE": _is_image,
-    "STRING": lambda v: isinstance(v, str),
-    "INT": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "FLOAT": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-    "BOOLEAN": lambda v: isinstance(v, bool),
-}
-
-
-def check_inputs(cls, inputs: dict) -> None:
-    """Validate inputs as ComfyUI does before it runs a node (plus the socket object types)."""
-    spec = cls.INPUT_TYPES()
-    required, optional, hidden = spec.get("required", {}), spec.get("optional", {}), spec.get("hidden", {})
-    missing = required.keys() - inputs.keys()
-    unknown = inputs.keys() - required.keys() - optional.keys() - hidden.keys()
-    assert not missing, f"{cls.__name__}: missing inputs {sorted(missing)}"
-    assert not unknown, f"{cls.__name__}: unknown inputs {sorted(unknown)}"
-    for name, value in inputs.items():
-        if name in hidden:
-            continue
-        kind, opts = ((required.get(name) or optional.get(name)) + ({},))[:2]
-        if isinstance(kind, list):
-            assert value in kind, f"{cls.__name__}.{name}: {value!r} is not one of {kind}"
-            continue
-        assert SOCKETS[kind](value), f"{cls.__name__}.{name}: {type(value).__name__} is not a {kind}"
-        if kind in ("INT", "FLOAT"):
-            assert opts.get("min", -math.inf) <= value <= opts.get("max", math.inf), \
-                f"{cls.__name__}.{name}: {value} outside [{opts.get('min')}, {opts.get('max')}]"
-
-
-def call(node: str, **inputs):
-    """Run one node as ComfyUI would; returns its outputs (a tuple), checked against RETURN_TYPES."""
-    cls = MAPPINGS[node]
-    check_inputs(cls, inputs)
-    out = getattr(cls(), cls.FUNCTION)(**inputs)
-    if isinstance(out, dict):
-        assert cls.OUTPUT_NODE and "ui" in out, f"{node}: a dict result must be an output node's ui"
-        out = out.get("result", ())
-    assert isinstance(out, tuple) and len(out) == len(cls.RETURN_TYPES), f"{node}: returned {type(out).__name__}"
-    for value, kind in zip(out, cls.RETURN_TYPES):
-        assert SOCKETS[kind](value), f"{node}: output {type(value).__name__} is not a {kind}"
-    return out
-
-
-def loaders(task="t2v", vae="hunyuan", fp8="none"):
-    (model,) = call("K5ModelLoader", model_name=TINY[task], task="auto", dtype="auto", fp8=fp8, attention="sdpa")
-    (te,) = call("K5TextEncoderLoader", qwen=TINY["qwen"], clip=TINY["clip"], quantization="none",
-                 dtype="auto", device="auto")
-    (v,) = call("K5VAELoader", vae_name=TINY[vae], dtype="auto")
-    return model, te, v
-
-
-def encode(te, prompt="a red fox runs through snow", content="video", after="offload"):
-    return call("K5TextEncode", text_encoder=te, prompt=prompt, negative_prompt="static, blurry",
-                content=content, after=after)[0]
-
-
-def sample(model, embeds, seed=1, frames=5, **kw):
-    args = dict(model=model, embeds=embeds, **SIZE, frames=frames, steps=STEPS, guidance=0.0, shift=0.0,
-                seed=seed, magcache=False)
-    return call("K5Sampler", **{**args, **kw})[0]
-
-
-def decode(vae, latent):
-    return call("K5VAEDecode", vae=vae, latent=latent, tiling=True, spatial_tile=256, spatial_overlap=64,
-                temporal_chunk=17, temporal_overlap=4)[0]
-
-
-# ----------------------------------------------------------------------------- the node set
 def test_every_node_declares_a_valid_classic_interface():
     assert set(MAPPINGS) >= {"K5ModelLoader", "K5MemorySettings", "K5LoRALoader", "K5TextEncoderLoader",
                              "K5TextEncode", "K5VAELoader", "K5VAEEncode", "K5VAEDecode", "K5Sampler", "K5SaveVideo"}
@@ -411,68 +260,6 @@ def test_block_swap_is_switched_per_handle_and_keeps_the_result():
 
 
 # ----------------------------------------------------------------------------- inside ComfyUI
-@pytest.fixture
-def fake_comfyui(monkeypatch):
-    """comfy.model_management and comfy.utils as ComfyUI has them, recording what the nodes do."""
-    state = types.SimpleNamespace(interrupt_after=None, steps=[], unloads=0, interrupted=False)
-    mm = types.ModuleType("comfy.model_management")
-
-    class InterruptProcessingException(Exception):
-        pass
-
-    def processing_interrupted():
-        return state.interrupted
-
-    def interrupt_current_processing(value=True):
-        state.interrupted = value
-
-    def unload_all_models():
-        state.unloads += 1
-
-    mm.InterruptProcessingException = InterruptProcessingException
-    mm.processing_interrupted = processing_interrupted
-    mm.interrupt_current_processing = interrupt_current_processing
-    mm.throw_exception_if_processing_interrupted = lambda: None
-    mm.unload_all_models = unload_all_models
-    mm.soft_empty_cache = lambda force=False: None
-    mm.minimum_inference_memory = lambda: 1000
-    mm.free_memory = lambda memory_required, device, keep_loaded=(): state.freed.append((memory_required, device))
-    state.freed = []
-    mm.get_torch_device = lambda: torch.device("cpu")
-    utils = types.ModuleType("comfy.utils")
-
-    class ProgressBar:
-        def __init__(self, total, node_id=None):
-            self.total = total
-
-        def update_absolute(self, value, total=None, preview=None):
-            state.steps.append((value, total))
-            if state.interrupt_after is not None and value >= state.interrupt_after:
-                state.interrupted = True     # the user presses Cancel during this step
-
-    utils.ProgressBar = ProgressBar
-    formats = types.ModuleType("comfy.latent_formats")
-    formats.HunyuanVideo = type("HunyuanVideo", (), {})
-    formats.Flux = type("Flux", (), {})
-    previews = types.ModuleType("latent_preview")
-
-    class Previewer:
-        def __init__(self, fmt):
-            self.fmt = fmt
-
-        def decode_latent_to_preview_image(self, preview_format, x0):
-            state.previews.append((self.fmt, tuple(x0.shape)))
-            return ("JPEG", "image", 512)
-
-    previews.get_previewer = lambda device, latent_format: Previewer(type(latent_format).__name__)
-    state.previews = []
-    monkeypatch.setitem(sys.modules, "comfy.latent_formats", formats)
-    monkeypatch.setitem(sys.modules, "latent_preview", previews)
-    monkeypatch.setitem(sys.modules, "comfy", types.ModuleType("comfy"))
-    monkeypatch.setitem(sys.modules, "comfy.model_management", mm)
-    monkeypatch.setitem(sys.modules, "comfy.utils", utils)
-    monkeypatch.setattr(comfy, "_unload_callbacks", [])
-    return types.SimpleNamespace(state=state, mm=mm)
 
 
 def test_progress_bar_and_cancel_between_steps(fake_comfyui):
@@ -503,7 +290,7 @@ def test_comfyui_unload_request_frees_our_models(fake_comfyui):
     assert fake_comfyui.state.unloads == 2
     assert CACHE.loaded("dit") == [] and CACHE.loaded("text") == [] and len(EMBEDS) == 0
     latent = sample(model, encode(te))                               # handles reload on demand
-    assert _is_latent(latent)
+    assert is_latent(latent)
 
 
 def test_save_video_refuses_paths_outside_the_output_folder():

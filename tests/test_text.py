@@ -23,14 +23,6 @@ PROMPTS = ["A red fox runs through fresh snow in a quiet forest at dawn, the cam
            "hi", "", "Waves crash on black rocks."]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads; on a shared CPU, idle OpenMP threads spin and cost 40x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):

@@ -29,14 +29,6 @@ REPO = Path(__file__).resolve().parents[1]
 FAST = dict(max_data_loader_n_workers=0, network_dim=8, network_alpha=8, seed=1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls run fastest on one thread (and do not fight other test processes for cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:

@@ -21,14 +21,6 @@ from k5core.vae import (FLUX_SCALING_FACTOR, HUNYUAN_SCALING_FACTOR, K5VAE, VAET
 UNTILED = VAETiling(enabled=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions run several times faster on one thread than on two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):

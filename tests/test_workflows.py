@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import nodes
-from test_nodes import SOCKETS, TINY, call, models_dir, one_thread  # noqa: F401 (fixtures)
+from node_harness import SOCKETS, TINY, call
 
 ROOT = Path(__file__).resolve().parents[1] / "workflows"
 NAMES = ("lite_t2v", "lite_i2v", "lite_t2i", "pro_t2v_fp8_swap")
