@@ -21,7 +21,7 @@ from .dit import K5DiT
 from .files import read_safetensors_header
 from .fp8 import Fp8Plan
 from .fp8 import granularity as fp8_granularity
-from .tasks import TASKS, DiTParams, Task, get_task, tasks_for_dit
+from .tasks import TASKS, DiTParams, Task, get_task
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "model.")
 ANCHOR = "text_embeddings.in_layer.weight"  # present in every Kandinsky 5 DiT

@@ -188,11 +188,6 @@ def get_task(name: str) -> Task:
         raise KeyError(f"unknown task {name!r}; known tasks: {known}") from None
 
 
-def tasks_for_dit(dit: DiTParams) -> list[Task]:
-    """All tasks whose DiT has exactly these parameters (several tasks share one checkpoint)."""
-    return [t for t in TASKS.values() if t.dit == dit]
-
-
 def latent_frames(pixel_frames: int) -> int:
     """Latent frames of the 4x temporal VAE: 4k+1 pixel frames -> k+1 latent frames."""
     return (pixel_frames - 1) // 4 + 1
