@@ -14,15 +14,13 @@ import argparse
 import shutil
 import sys
 
-import torch
 
 from k5core.cache import CacheReport, cache_latents
 from k5core.data import DatasetConfigError, load_dataset_config, snap_frames
+from k5core.devices import pick_device, pick_dtype
 from k5core.tasks import get_task
 
 DEFAULT_TASK = "k5-lite-t2v-5s-sd"
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -34,19 +32,6 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda if available)")
     parser.add_argument("--skip_existing", action="store_true",
                         help="keep valid existing caches; stale or broken ones are rebuilt")
-
-
-def pick_device(name: str | None) -> torch.device:
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    """--*_dtype value, default float32 on CPU and bfloat16 on GPUs."""
-    if name is None:
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
-    if name not in DTYPES:
-        raise SystemExit(f"error: dtype {name!r} is not one of {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 class ProgressLine:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .cache_latents import pick_device, pick_dtype
+from .devices import pick_device, pick_dtype
 from .pipeline import Settings, encode_image, encode_prompts, generate, resolve
 from .sampling import SamplingCancelled, StepInfo
 from .tasks import TASKS, Task, get_task

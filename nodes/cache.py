@@ -23,11 +23,13 @@ from pathlib import Path
 
 import torch
 
+from k5core.devices import pick_dtype
+
 from . import comfy
 
 log = logging.getLogger("k5.nodes")
 
-DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = ("auto", "bf16", "fp16", "fp32")   # widget choices, resolved by k5core.devices.pick_dtype
 FP8_MODES = ("none", "e4m3fn", "e4m3fn_scaled")
 LORA_MODES = {"auto": None, "merge": True, "unmerged": False}   # -> apply_loras(merge=...)
 QUANTIZATIONS = ("none", "nf4", "int8")
@@ -37,9 +39,7 @@ def resolve_dtype(name: str, device) -> torch.dtype:
     """A dtype widget value on a device: "auto" is float32 on the CPU and bfloat16 on GPUs."""
     if name not in DTYPES:
         raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {name!r}")
-    if name == "auto":
-        return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
-    return DTYPES[name]
+    return pick_dtype(name, device)
 
 
 # ----------------------------------------------------------------------------- handles
