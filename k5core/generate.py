@@ -196,11 +196,9 @@ def task_of_checkpoint(path) -> Task:
     """The task a DiT file belongs to, from its tensor shapes and name (no weights read)."""
     if path is None:
         raise ValueError("--task or --dit is needed to know the task")
-    from .loading import checkpoint_files, detect_prefix, dit_params_from_shapes, infer_task, read_shapes
+    from .loading import inspect_dit
     path = Path(path)
-    shapes = read_shapes(checkpoint_files(path))
-    params = dit_params_from_shapes(shapes, detect_prefix(shapes.keys(), str(path)), str(path))
-    task = infer_task(params, path)
+    task = inspect_dit(path)
     log(f"task inferred from {path.name}: {task.name} (pass --task to choose another)")
     return task
 

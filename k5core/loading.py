@@ -178,6 +178,23 @@ def build_dit(task: Task, dtype=None, device="cpu", attention: str = "sdpa") -> 
     return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
 
 
+def inspect_dit(path, task: str | Task | None = None) -> Task:
+    """The task of a DiT file from tensor shapes and file name, reading headers only; a given task
+    is checked against the shapes. Raises CheckpointError naming the file."""
+    path = Path(path)
+    shapes = read_shapes(checkpoint_files(path))
+    return _task_from_shapes(shapes, detect_prefix(shapes.keys(), str(path)), path, task)
+
+
+def _task_from_shapes(shapes: dict, prefix: str, path: Path, task: str | Task | None) -> Task:
+    params = dit_params_from_shapes(shapes, prefix, str(path))
+    if task is None:
+        return infer_task(params, path)
+    task = get_task(task) if isinstance(task, str) else task
+    check_task_fits(task, params, path)
+    return task
+
+
 def load_dit(path, task: str | Task | None = None, dtype=None, device="cpu", fp8=None,
              attention: str = "sdpa") -> K5DiT:
     """Load a DiT checkpoint; `task` is inferred from shapes when None. `dtype` None keeps the
@@ -189,12 +206,7 @@ def load_dit(path, task: str | Task | None = None, dtype=None, device="cpu", fp8
     files = checkpoint_files(path)
     shapes = read_shapes(files)
     prefix = detect_prefix(shapes.keys(), str(path))
-    params = dit_params_from_shapes(shapes, prefix, str(path))
-    task = get_task(task) if isinstance(task, str) else task
-    if task is None:
-        task = infer_task(params, path)
-    else:
-        check_task_fits(task, params, path)
+    task = _task_from_shapes(shapes, prefix, path, task)
     try:
         plan = Fp8Plan({k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}, fp8, str(path))
         with torch.device("meta"):

@@ -114,22 +114,6 @@ class _LoadedDiT:
     scaled_mm: bool = False
 
 
-def dit_task(path, task: str | None):
-    """The task of a DiT file from its tensor shapes and name (headers only, no weights read);
-    a given task is checked against the shapes. Raises k5core's CheckpointError naming the file."""
-    from k5core.loading import (check_task_fits, checkpoint_files, detect_prefix, dit_params_from_shapes,
-                                infer_task, read_shapes)
-    from k5core.tasks import get_task
-    path = Path(path)
-    shapes = read_shapes(checkpoint_files(path))
-    params = dit_params_from_shapes(shapes, detect_prefix(shapes.keys(), str(path)), str(path))
-    if task is None:
-        return infer_task(params, path)
-    config = get_task(task)
-    check_task_fits(config, params, path)
-    return config
-
-
 def _bytes_on_disk(path) -> int:
     """Size of a model file or folder: what loading it will roughly need."""
     path = Path(path)

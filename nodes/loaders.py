@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from k5core.attention import BACKENDS
+from k5core.loading import inspect_dit
 from k5core.tasks import TASKS
 
 from . import comfy
-from .cache import DTYPES, FP8_MODES, QUANTIZATIONS, ModelHandle, TextEncoderHandle, VAEHandle, dit_task
+from .cache import DTYPES, FP8_MODES, QUANTIZATIONS, ModelHandle, TextEncoderHandle, VAEHandle
 
 TASK_CHOICES = ["auto"] + [name for name in TASKS if not name.startswith("k5-tiny")]
 
@@ -42,7 +43,7 @@ class K5ModelLoader:
 
     def load(self, model_name, task, dtype, fp8, attention):
         path = comfy.model_path("diffusion_models", model_name)
-        config = dit_task(path, None if task == "auto" else task)
+        config = inspect_dit(path, None if task == "auto" else task)
         return (ModelHandle(str(path), config.name, dtype, fp8, attention),)
 
 

@@ -223,3 +223,13 @@ def test_backend_errors():
     except ImportError:
         with pytest.raises(ImportError, match="'flash2' was asked for but the package 'flash_attn'"):
             resolve_backend("flash_attn")
+
+
+def test_inspect_dit_reads_headers_only(tmp_path, monkeypatch):
+    from k5core import loading
+    path = write_tiny_dit(tmp_path, task="k5-tiny-i2v")
+    monkeypatch.setattr(loading, "iter_tensors", lambda files: pytest.fail("weights were read"))
+    assert loading.inspect_dit(path).name == "k5-tiny-i2v"
+    assert loading.inspect_dit(path, "k5-tiny-t2v").name == "k5-tiny-t2v"
+    with pytest.raises(CheckpointError, match="do not fit task k5-pro-t2v-5s-sd"):
+        loading.inspect_dit(path, "k5-pro-t2v-5s-sd")
