@@ -239,8 +239,8 @@ def sample(model, task: Task, embeds, negative_embeds=None, *, width: int, heigh
         velocity.on_forward = None if cache is None else cache.set_branches
         for i in range(steps):
             if should_stop is not None and should_stop():
-                raise SamplingCancelled(i, steps, _write_first(x, first))
-            x = _write_first(x, first)
+                raise SamplingCancelled(i, steps, write_first_frames(x, first))
+            x = write_first_frames(x, first)
             inp = x if cond is None else torch.cat([x, cond], dim=1)
             if cache is not None:
                 cache.begin_step(i)
@@ -249,11 +249,12 @@ def sample(model, task: Task, embeds, negative_embeds=None, *, width: int, heigh
                 skipped = cache is not None and cache.skipped_last
                 progress(i + 1, steps, StepInfo(float(ts[i]), float(ts[i + 1]), skipped, x - ts[i] * v))
             x = x + (ts[i + 1] - ts[i]) * v
-    return _write_first(x, first)
+    return write_first_frames(x, first)
 
 
-def _write_first(x: torch.Tensor, first: torch.Tensor | None) -> torch.Tensor:
-    """The sample with its first latent frames replaced by the conditioning image's (I2V)."""
+def write_first_frames(x: torch.Tensor, first: torch.Tensor | None) -> torch.Tensor:
+    """The sample with its first latent frames replaced by the conditioning image's (I2V); the
+    trainer builds its DiT input the same way."""
     if first is None:
         return x
     x = x.clone()

@@ -476,7 +476,7 @@ def model_input(task: Task, x: torch.Tensor, image_latent: torch.Tensor | None) 
     first = 0
     if image_latent is not None:
         first = image_latent.shape[2]
-        x = torch.cat([image_latent.to(x.dtype), x[:, :, first:]], dim=2)
+        x = sampling.write_first_frames(x, image_latent.to(x.dtype))
     cond = sampling.visual_condition(task, tuple(x.shape), image_latent, x.device)
     return (x if cond is None else torch.cat([x, cond.to(x.dtype)], dim=1)), first
 
