@@ -157,10 +157,11 @@ def generate(dit, vae, settings: Settings, embeds, negative_embeds=None, *,
     return Result(frames, latent.cpu(), s)
 
 
-def decode(vae, task: Task, latent: torch.Tensor, progress: ProgressFn | None = None,
+def decode(vae, task: Task | None, latent: torch.Tensor, progress: ProgressFn | None = None,
            should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
-    """Latent (B, 16, T, h, w) -> frames (B, F, H, W, 3) float [0, 1] on the CPU (I2V renormalised)."""
-    if task.mode == "i2v":
+    """Latent (B, 16, T, h, w) -> frames (B, F, H, W, 3) float [0, 1] on the CPU; an I2V task's latent
+    is renormalised first (task None: a latent that did not come from the sampler, e.g. VAE Encode)."""
+    if task is not None and task.mode == "i2v":
         latent = normalize_first_frames(latent)
     video = vae.decode(latent, progress=progress, should_stop=should_stop)      # (B, 3, F, H, W) in [-1, 1]
     return ((video.float().cpu() + 1.0) / 2.0).permute(0, 2, 3, 4, 1).clamp_(0.0, 1.0)

@@ -121,11 +121,7 @@ class K5VAEDecode:
         model.set_tiling(tiling, spatial_tile, spatial_overlap, temporal_chunk, temporal_overlap)
         task = get_task(latent["task"]) if latent.get("task") else None
         try:
-            if task is not None:
-                frames = decode(model, task, samples, progress=comfy.progress_bar(1), should_stop=comfy.should_stop)
-            else:
-                video = model.decode(samples, progress=comfy.progress_bar(1), should_stop=comfy.should_stop)
-                frames = ((video.float().cpu() + 1.0) / 2.0).permute(0, 2, 3, 4, 1).clamp_(0.0, 1.0)
+            frames = decode(model, task, samples, progress=comfy.progress_bar(1), should_stop=comfy.should_stop)
         except InterruptedError as e:
             raise comfy.interrupted(e) from e
         return (video_to_images(frames),)
