@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .devices import pick_dtype
 from .files import read_safetensors_header
 
 # --------------------------------------------------------------------------------------------------
@@ -417,9 +418,26 @@ def _check_prompts(prompts) -> list[str]:
     return prompts
 
 
-def _default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on CUDA as the official code; float32 elsewhere (CPU bf16 matmuls are slow)."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+class _LoadedEncoder:
+    """An encoder model that can move between devices or be dropped; the tokenizer stays."""
+    what = "text"
+    model: nn.Module | None
+    path: Path
+
+    def to(self, device):
+        """Move the model, e.g. to "cpu" to free the GPU between encodes."""
+        self._live().to(device)
+        return self
+
+    def unload(self) -> None:
+        """Drop the model (the tokenizer stays); encode() then raises."""
+        self.model = None
+        _free_memory()
+
+    def _live(self) -> nn.Module:
+        if self.model is None:
+            raise RuntimeError(f"{self.path}: the {self.what} encoder was unloaded; load it again")
+        return self.model
 
 
 # --------------------------------------------------------------------------------------------------
@@ -528,8 +546,9 @@ def crop_start(tokenizer, content: str) -> int:
     return crop
 
 
-class QwenEncoder:
+class QwenEncoder(_LoadedEncoder):
     """Qwen2.5-VL-7B language model + tokenizer: prompts -> cropped last hidden states and masks."""
+    what = "Qwen text"
 
     def __init__(self, model: nn.Module, tokenizer, path: Path, quantization: str | None = None):
         self.model, self.tokenizer, self.path, self.quantization = model, tokenizer, path, quantization
@@ -542,7 +561,7 @@ class QwenEncoder:
         if quantization not in (None, "nf4", "int8"):
             raise ValueError(f"quantization must be None, 'nf4' or 'int8', got {quantization!r}")
         device = torch.device(device)
-        dtype = dtype or _default_dtype(device)
+        dtype = dtype or pick_dtype(None, device)  # bf16 on GPUs as the official code
         ckpt = _Checkpoint(path)
         names = {n: k for k in ckpt.keys() if (n := _qwen_name(k)) is not None}
         if "embed_tokens.weight" not in names:
@@ -595,20 +614,6 @@ class QwenEncoder:
                              "tokens; write a longer prompt")
         return hidden.masked_fill(~mask[..., None], 0), mask
 
-    def to(self, device) -> QwenEncoder:
-        """Move the model, e.g. to "cpu" to free the GPU between encodes."""
-        self._live().to(device)
-        return self
-
-    def unload(self) -> None:
-        """Drop the model (the tokenizer stays); encode() then raises."""
-        self.model = None
-        _free_memory()
-
-    def _live(self) -> nn.Module:
-        if self.model is None:
-            raise RuntimeError(f"{self.path}: the Qwen text encoder was unloaded; load it again")
-        return self.model
 
 
 # --------------------------------------------------------------------------------------------------
@@ -656,8 +661,9 @@ def _clip_config(ckpt: _Checkpoint, names: dict[str, str], prefix: str, tok):
     )
 
 
-class ClipEncoder:
+class ClipEncoder(_LoadedEncoder):
     """CLIP-L text tower + tokenizer: prompts -> pooled output (B, 768) at 77 tokens."""
+    what = "CLIP text"
 
     def __init__(self, model: nn.Module, tokenizer, path: Path):
         self.model, self.tokenizer, self.path = model, tokenizer, path
@@ -696,21 +702,6 @@ class ClipEncoder:
                                 return_tensors="pt").to(self.device)
         with torch.no_grad():
             return model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).pooler_output
-
-    def to(self, device) -> ClipEncoder:
-        """Move the model."""
-        self._live().to(device)
-        return self
-
-    def unload(self) -> None:
-        """Drop the model (the tokenizer stays); encode() then raises."""
-        self.model = None
-        _free_memory()
-
-    def _live(self) -> nn.Module:
-        if self.model is None:
-            raise RuntimeError(f"{self.path}: the CLIP text encoder was unloaded; load it again")
-        return self.model
 
 
 # --------------------------------------------------------------------------------------------------
