@@ -285,11 +285,15 @@ def progress_bar(total: int, preview: Callable | None = None) -> Callable[[int, 
 
 
 # ----------------------------------------------------------------------------- events
+def prompt_server():
+    """ComfyUI's running PromptServer instance, or None outside ComfyUI."""
+    return getattr(getattr(_module("server"), "PromptServer", None), "instance", None)
+
+
 def send_event(name: str, data: dict, sid: str | None = None) -> bool:
     """Push a websocket message to the browser (`api.addEventListener(name, ...)` in the frontend).
     Returns False when there is no server (outside ComfyUI)."""
-    server = _module("server")
-    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    instance = prompt_server()
     if instance is None:
         return False
     instance.send_sync(name, data, sid)

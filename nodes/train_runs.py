@@ -374,9 +374,7 @@ _registered: list = []
 def register_routes() -> bool:
     """Add the routes to ComfyUI's server (once). Must run at import time of the pack: ComfyUI adds
     the /api mirror of every route that exists when it sets up its own. False outside ComfyUI."""
-    server = sys.modules.get("server")
-    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
-    routes = getattr(instance, "routes", None)
+    routes = getattr(comfy.prompt_server(), "routes", None)
     if routes is None:
         return False
     if any(r is routes for r in _registered):
