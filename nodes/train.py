@@ -306,7 +306,8 @@ FP8_SETTINGS = {"none": {}, "e4m3fn": {"fp8_base": True, "fp8_scaled": False},
                 "e4m3fn_scaled": {"fp8_base": True, "fp8_scaled": True}}
 MIXED_PRECISION = {"auto": None, "bf16": "bf16", "fp16": "fp16", "fp32": "no"}   # K5_MODEL dtype -> trainer
 NODE_OWNED = ("task", "dit", "dataset_config", "output_dir", "output_name", "events", "stop_file", "config",
-              "resume", "sample_prompts", "vae", "text_encoder_qwen", "text_encoder_clip")
+              "resume", "sample_prompts", "vae", "text_encoder_qwen", "text_encoder_clip", "qwen_tokenizer",
+              "clip_tokenizer", "comfy_root")
 
 
 def _trainer_default(name: str):
@@ -508,11 +509,12 @@ class K5TrainLoRA:
         if missing:
             raise ValueError(f"sample_prompt: samples need the {' and '.join(missing)} input(s) connected "
                              f"(or set sample_every_n_steps to 0)")
-        if text_encoder.qwen_tokenizer or text_encoder.clip_tokenizer:
-            log.warning("K5 Train LoRA: the trainer finds the tokenizers itself (model folder or the ComfyUI "
-                        "install above the file); the text encoder's tokenizer folders are not passed on")
+        root = comfy.comfy_root()
         return {"sample_prompts": str(folder / "prompts.txt"), "sample_every_n_steps": every, "vae": vae.path,
-                "text_encoder_qwen": text_encoder.qwen, "text_encoder_clip": text_encoder.clip}
+                "text_encoder_qwen": text_encoder.qwen, "text_encoder_clip": text_encoder.clip,
+                "qwen_tokenizer": text_encoder.qwen_tokenizer or None,
+                "clip_tokenizer": text_encoder.clip_tokenizer or None,
+                "comfy_root": str(root) if root else None}
 
     @staticmethod
     def _check_caches(dataset: Dataset, model: ModelHandle) -> None:

@@ -111,6 +111,11 @@ class TrainConfig:
                                  kind=str)
     text_encoder_clip: str = opt(None, "CLIP-L text encoder for sample prompts", flags=("--text_encoder2",),
                                  kind=str)
+    qwen_tokenizer: str = opt(None, "Qwen tokenizer folder (default: next to the model or in the ComfyUI install)",
+                              kind=str)
+    clip_tokenizer: str = opt(None, "CLIP tokenizer folder (default: next to the model or in the ComfyUI install)",
+                              kind=str)
+    comfy_root: str = opt(None, "ComfyUI folder whose tokenizer folders to use", kind=str)
     sample_prompts: str = opt(None, "prompt file: one prompt a line, options --w --h --f --d --s --g --fs --n --i",
                               kind=str)
     sample_every_n_steps: int = opt(None, "sample every N steps", kind=int)

@@ -125,7 +125,9 @@ class Sampler:
         self.name = cfg.output_name
         log(f"encoding {len(self.prompts)} sample prompt(s)")
         encoder = TextEncoder.load(cfg.text_encoder_qwen, cfg.text_encoder_clip, device=device,
-                                   text_dim=task.dit.in_text_dim, pooled_dim=task.dit.in_text_dim2)
+                                   text_dim=task.dit.in_text_dim, pooled_dim=task.dit.in_text_dim2,
+                                   qwen_tokenizer=cfg.qwen_tokenizer, clip_tokenizer=cfg.clip_tokenizer,
+                                   comfy_root=cfg.comfy_root)
         with torch.no_grad():
             self.embeds = [tuple(None if e is None else e.to("cpu") for e in pipeline.encode_prompts(encoder, s))
                            for s in self.settings]
