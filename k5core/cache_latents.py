@@ -53,6 +53,15 @@ class ProgressLine:
             self.stream.flush()
 
 
+def common_setup(parser: argparse.ArgumentParser, args):
+    """(task, dataset config, device) from the shared flags; bad values exit 2 with the reason."""
+    try:
+        task = get_task(args.task)
+    except KeyError as e:
+        parser.error(str(e.args[0]))
+    return task, load_config_or_exit(args.dataset_config), pick_device(args.device)
+
+
 def load_config_or_exit(path: str):
     """The dataset config, or exit 2 with every problem listed; config warnings go to stderr."""
     try:
@@ -89,12 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="pixel frames per temporal VAE chunk, rounded down to 4k+1 (default 17)")
     args = parser.parse_args(argv)
 
-    try:
-        task = get_task(args.task)
-    except KeyError as e:
-        parser.error(str(e.args[0]))
-    config = load_config_or_exit(args.dataset_config)
-    device = pick_device(args.device)
+    task, config, device = common_setup(parser, args)
 
     from k5core.vae import load_vae
     try:

@@ -15,8 +15,8 @@ import argparse
 import sys
 
 from k5core.cache import cache_text_encoder_outputs
-from k5core.cache_latents import ProgressLine, add_common_args, finish, load_config_or_exit, pick_device, pick_dtype
-from k5core.tasks import get_task
+from k5core.cache_latents import ProgressLine, add_common_args, common_setup, finish
+from k5core.devices import pick_dtype
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,12 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--comfy_root", default=None, help="ComfyUI folder whose tokenizer folders to use")
     args = parser.parse_args(argv)
 
-    try:
-        task = get_task(args.task)
-    except KeyError as e:
-        parser.error(str(e.args[0]))
-    config = load_config_or_exit(args.dataset_config)
-    device = pick_device(args.device)
+    task, config, device = common_setup(parser, args)
 
     from k5core.text import TextEncoder
     try:
