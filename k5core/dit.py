@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention, nabla_attention, resolve_backend, sta_mask
@@ -36,6 +37,13 @@ def apply_rotary(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     return (rope * pairs).sum(-1).flatten(-2).type_as(x)
 
 
+def linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """layer(x) computed in fp32 with the weights upcast on the fly, as the official code runs the time
+    embedding and modulation under fp32 autocast; bf16 weights stay bf16 in memory."""
+    bias = None if layer.bias is None else layer.bias.float()
+    return F.linear(x.float(), layer.weight.float(), bias)
+
+
 def modulate(norm: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """norm(x) * (1 + scale) + shift in fp32, cast back to x's dtype."""
     return (norm(x.float()) * (scale.float() + 1.0) + shift.float()).type_as(x)
@@ -58,8 +66,8 @@ class TimeEmbeddings(nn.Module):
 
     def forward(self, time: torch.Tensor) -> torch.Tensor:  # (B,) -> (B, time_dim)
         args = torch.outer(time.float(), sinusoid_freqs(self.half_dim, self.max_period).to(time.device))
-        emb = torch.cat([args.cos(), args.sin()], dim=-1).to(self.in_layer.weight.dtype)
-        return self.out_layer(self.activation(self.in_layer(emb)))
+        emb = torch.cat([args.cos(), args.sin()], dim=-1)
+        return linear_fp32(self.out_layer, self.activation(linear_fp32(self.in_layer, emb)))  # fp32
 
 
 class TextEmbeddings(nn.Module):
@@ -138,8 +146,8 @@ class Modulation(nn.Module):
         nn.init.zeros_(self.out_layer.weight)
         nn.init.zeros_(self.out_layer.bias)
 
-    def forward(self, time_embed: torch.Tensor) -> torch.Tensor:  # (B, time_dim) -> (B, 1, n * D)
-        return self.out_layer(self.activation(time_embed))[:, None]
+    def forward(self, time_embed: torch.Tensor) -> torch.Tensor:  # (B, time_dim) -> (B, 1, n * D) fp32
+        return linear_fp32(self.out_layer, self.activation(time_embed.float()))[:, None]
 
 
 class MultiheadAttention(nn.Module):

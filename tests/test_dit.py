@@ -233,3 +233,20 @@ def test_inspect_dit_reads_headers_only(tmp_path, monkeypatch):
     assert loading.inspect_dit(path, "k5-tiny-t2v").name == "k5-tiny-t2v"
     with pytest.raises(CheckpointError, match="do not fit task k5-pro-t2v-5s-sd"):
         loading.inspect_dit(path, "k5-pro-t2v-5s-sd")
+
+
+def test_bf16_model_runs_time_embedding_and_modulation_in_fp32():
+    """As the official code (fp32 autocast): bf16 weights, fp32 math for the modulation parameters."""
+    model = build_dit(get_task("k5-tiny-t2v"))
+    model.load_state_dict(tiny_state_dict(seed=2))
+    ref = model.time_embeddings(torch.tensor([321.0]))
+    model = model.to(torch.bfloat16)
+    assert model.visual_transformer_blocks[0].visual_modulation.out_layer.weight.dtype == torch.bfloat16
+    emb = model.time_embeddings(torch.tensor([321.0]))
+    assert emb.dtype == torch.float32
+    assert model.visual_transformer_blocks[0].visual_modulation(emb).dtype == torch.float32
+    assert rel_err(emb, ref) < 2e-2  # only the weights were rounded to bf16
+    x, t, text, pooled = inputs()
+    with torch.no_grad():
+        out = model(x.bfloat16(), t, text.bfloat16(), pooled.bfloat16())
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
