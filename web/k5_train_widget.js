@@ -186,11 +186,16 @@ function attach(node) {
 app.registerExtension({
   name: "k5.TrainLoRA.Widget",
 
-  async setup() {
+  // Listen from init, before the socket can deliver training events: the frontend drops (and
+  // warns about) messages of a type nobody has registered yet, e.g. on a reload mid-run.
+  init() {
     api.addEventListener(EVENT, onTrainEvent);
     api.addEventListener("execution_error", onExecutionEnd("error"));
     api.addEventListener("execution_interrupted", onExecutionEnd("interrupted"));
     api.addEventListener("reconnected", () => fetchStatus());
+  },
+
+  async setup() {
     await fetchStatus();
   },
 
