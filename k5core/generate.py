@@ -166,7 +166,7 @@ def run(args) -> Path:
     log(f"task {task.name}: {settings.width}x{settings.height}, {settings.frames} frames, "
         f"{settings.steps} steps, guidance {settings.guidance}, seed {settings.seed}")
 
-    embeds, negative = encode_text(args, task, settings)
+    embeds, negative = encode_text(args, task, settings, image)
     vae = load_vae_for(args, task, device)                 # in CPU memory until it is needed
     image_latent = None
     if image is not None:
@@ -225,8 +225,8 @@ def check_output(output: Path, settings: Settings) -> Path:
     return output
 
 
-def encode_text(args, task: Task, settings: Settings):
-    """Load the text encoders, encode prompt and negative prompt, free the encoders."""
+def encode_text(args, task: Task, settings: Settings, image=None):
+    """Load the text encoders, encode prompt and negative prompt (I2I: with the source image), free them."""
     from .text import TextEncoder
     device = pick_device(args.text_encoder_device or args.device)
     log(f"loading text encoders on {device}")
@@ -234,7 +234,7 @@ def encode_text(args, task: Task, settings: Settings):
                                quantization=args.qwen_quantization, comfy_root=args.comfy_root,
                                text_dim=task.dit.in_text_dim, pooled_dim=task.dit.in_text_dim2)
     try:
-        embeds, negative = encode_prompts(encoder, settings)
+        embeds, negative = encode_prompts(encoder, settings, image)
     finally:
         encoder.unload()
         del encoder

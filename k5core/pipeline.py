@@ -5,7 +5,7 @@ The steps are separate functions so a caller can hold only one big model at a ti
 (encode the prompts, free the text encoder, then load the DiT):
 
     settings = resolve(Settings(task="k5-lite-t2v-5s-sd", prompt="..."))   # defaults filled, size checked
-    embeds, negative = encode_prompts(text_encoder, settings)
+    embeds, negative = encode_prompts(text_encoder, settings, image)    # I2I: the image goes to Qwen too
     image_latent = encode_image(vae, image, settings) if image is not None else None   # I2V / I2I
     result = generate(dit, vae, settings, embeds, negative, image_latent=image_latent)
     result.frames   # (B, F, H, W, 3) float in [0, 1] on the CPU
@@ -94,11 +94,16 @@ def size_for_image(task: Task, image_size: tuple[int, int]) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------- encode
-def encode_prompts(text_encoder, settings: Settings):
-    """(embeds, negative embeds or None) for a resolved Settings; one encoder call for both."""
+def encode_prompts(text_encoder, settings: Settings, image: torch.Tensor | None = None):
+    """(embeds, negative embeds or None) for a resolved Settings; one encoder call for both.
+    I2I (content image_edit): the (H, W, 3) source image, fitted to the output size as the DiT sees it,
+    is encoded with the prompt and the negative prompt (official); other tasks encode text only."""
     task = settings.task_config
     prompts = [settings.prompt] + ([settings.negative_prompt] if settings.uses_negative else [])
-    embeds = text_encoder.encode(prompts, task.content)
+    images = None
+    if image is not None and task.content == "image_edit":
+        images = fit_image(image, settings).mul(255).round().to(torch.uint8)[0].permute(1, 2, 0)  # (H, W, 3)
+    embeds = text_encoder.encode(prompts, task.content, images=images)
     if not settings.uses_negative:
         return embeds, None
     return embeds.select(0), embeds.select(1)
@@ -107,12 +112,18 @@ def encode_prompts(text_encoder, settings: Settings):
 def encode_image(vae, image: torch.Tensor, settings: Settings) -> torch.Tensor:
     """An (H, W, 3) image (uint8, or float in [0, 1]) -> scaled latent (1, 16, 1, h/8, w/8) at the
     settings' size: resized to cover it, then centre-cropped (official `resize_video`)."""
+    x = fit_image(image, settings) * 2.0 - 1.0
+    return vae.encode(x[:, :, None].clamp(-1.0, 1.0))          # (1, 16, 1, h, w)
+
+
+def fit_image(image: torch.Tensor, settings: Settings) -> torch.Tensor:
+    """An (H, W, 3) image (uint8, or float in [0, 1]) -> (1, 3, height, width) float in [0, 1] at the
+    settings' size: resized to cover it, then centre-cropped (official `resize_video`)."""
     if image.dim() != 3 or image.shape[-1] != 3:
         raise ValueError(f"image: expected (H, W, 3), got {tuple(image.shape)}")
     x = image.permute(2, 0, 1)[None].float()                   # (1, 3, H, W)
     x = x / 255.0 if image.dtype == torch.uint8 else x
-    x = cover_crop(x, settings.height, settings.width) * 2.0 - 1.0
-    return vae.encode(x[:, :, None].clamp(-1.0, 1.0))          # (1, 16, 1, h, w)
+    return cover_crop(x, settings.height, settings.width).clamp(0.0, 1.0)
 
 
 def cover_crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -21,11 +21,20 @@ text keys) gives the same result for either padding.
 
 Sources: a Hugging Face folder (Qwen/Qwen2.5-VL-7B-Instruct, openai/clip-vit-large-patch14) or one
 safetensors file as ComfyUI keeps them in models/text_encoders (`qwen_2.5_vl_7b*.safetensors`,
-fp8-scaled variants included, `clip_l.safetensors`). Only the language model of Qwen2.5-VL is built;
-`visual.*` and `lm_head` are never read. Tokenizers are looked up, in this order: the explicit
-`tokenizer=` path, the model folder itself, `<comfy_root>/comfy/text_encoders/qwen25_tokenizer` (Qwen)
-or `<comfy_root>/comfy/sd1_tokenizer` (CLIP), then the same folders in a ComfyUI install that holds
-the model file (up to four folders above it). Nothing is downloaded.
+fp8-scaled variants included, `clip_l.safetensors`). The language model of Qwen2.5-VL is built at load;
+its vision tower (`visual.*`) only on the first image_edit encode with a source image; `lm_head` is
+never read.
+
+Image editing (I2I) as the official code: each prompt gets `<|vision_start|><|image_pad|><|vision_end|>`
+and `<|im_end|>` appended, the source image is halved in size, the Qwen2-VL image processor cuts it into
+14x14 patches (pixel_values, image_grid_thw), <|image_pad|> is repeated once per merged 2x2 patch, and
+the whole Qwen2.5-VL (vision tower + language model, 3D rotary positions) runs; the crop is the same 55
+and nothing is truncated or padded to max_length. An empty (negative) prompt then keeps the image tokens.
+
+Tokenizers are looked up, in this order: the explicit `tokenizer=` path, the model folder itself,
+`<comfy_root>/comfy/text_encoders/qwen25_tokenizer` (Qwen) or `<comfy_root>/comfy/sd1_tokenizer` (CLIP),
+then the same folders in a ComfyUI install that holds the model file (up to four folders above it).
+Nothing is downloaded; the image processor is built in code (QWEN_IMAGE_PROCESSOR).
 """
 from __future__ import annotations
 
@@ -105,6 +114,15 @@ CLIP_L_DIM = 768  # CLIP-L width = the DiT's pooled text dim
 _QWEN_NAMES = {2048: "Qwen2.5-VL-3B", 3584: "Qwen2.5-VL-7B", 5120: "Qwen2.5-VL-32B", 8192: "Qwen2.5-VL-72B"}
 _CLIP_NAMES = {512: "CLIP-B", 768: "CLIP-L", 1024: "OpenCLIP-H", 1280: "CLIP-G (OpenCLIP bigG)"}
 _QWEN25_IM_START_ID = 151644  # id of <|im_start|> in the real Qwen2.5 vocabulary
+
+# Image editing: what the official code appends to each prompt per source image, and the image
+# processor settings of Qwen2.5-VL-7B-Instruct's preprocessor_config.json (ComfyUI ships none).
+IMAGE_TOKENS = "<|vision_start|><|image_pad|><|vision_end|>"
+QWEN_IMAGE_PROCESSOR = {
+    "min_pixels": 56 * 56, "max_pixels": 28 * 28 * 16384, "patch_size": 14, "temporal_patch_size": 2,
+    "merge_size": 2, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+}
 
 COMFY_TOKENIZER_DIRS = {"qwen": Path("comfy/text_encoders/qwen25_tokenizer"), "clip": Path("comfy/sd1_tokenizer")}
 
@@ -546,13 +564,89 @@ def crop_start(tokenizer, content: str) -> int:
     return crop
 
 
+# --------------------------------------------------------------------------------------------------
+# Qwen2.5-VL vision tower (image_edit with a source image)
+# --------------------------------------------------------------------------------------------------
+
+_VISION_PREFIXES = ("model.visual.", "visual.")  # transformers 5 / hub and ComfyUI layouts
+
+
+def _vision_name(key: str) -> str | None:
+    """Checkpoint key -> Qwen2_5_VisionTransformerPretrainedModel parameter name; None for the rest."""
+    for prefix in _VISION_PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return None
+
+
+def _vision_config(ckpt: _Checkpoint, names: dict[str, str]):
+    """Qwen2_5_VLVisionConfig from the weight shapes; heads/windows from config.json (7B values otherwise)."""
+    from transformers import Qwen2_5_VLVisionConfig
+
+    _require(ckpt, names, ["patch_embed.proj.weight", "blocks.0.mlp.gate_proj.weight", "merger.mlp.0.weight",
+                           "merger.mlp.2.weight"])
+    cfg = ckpt.config.get("vision_config") or {}
+    width, _, temporal, patch, _ = ckpt.shape(names["patch_embed.proj.weight"])  # (1280, 3, 2, 14, 14)
+    depth = _count_layers(names, "blocks.")
+    merge = round((ckpt.shape(names["merger.mlp.0.weight"])[1] // width) ** 0.5)  # 2x2 patches -> 1 token
+    return Qwen2_5_VLVisionConfig(
+        depth=depth, hidden_size=width, hidden_act=cfg.get("hidden_act", "silu"),
+        intermediate_size=ckpt.shape(names["blocks.0.mlp.gate_proj.weight"])[0],
+        num_heads=cfg.get("num_heads") or width // 80, in_channels=3, patch_size=patch,
+        spatial_merge_size=merge, temporal_patch_size=temporal, tokens_per_second=cfg.get("tokens_per_second", 2),
+        window_size=cfg.get("window_size", 112), out_hidden_size=ckpt.shape(names["merger.mlp.2.weight"])[0],
+        fullatt_block_indexes=cfg.get("fullatt_block_indexes") or [depth // 4 * (i + 1) - 1 for i in range(4)],
+    )
+
+
+@functools.cache
+def qwen_image_processor():
+    """Qwen2-VL image processor with the official settings, built locally (torchvision backend when
+    installed, as the official `use_fast=True`; the PIL backend otherwise)."""
+    import importlib.util
+
+    import transformers
+
+    name = "Qwen2VLImageProcessor" if importlib.util.find_spec("torchvision") else "Qwen2VLImageProcessorPil"
+    return getattr(transformers, name)(**QWEN_IMAGE_PROCESSOR)
+
+
+def _half_size(image: torch.Tensor) -> torch.Tensor:
+    """(H, W, 3) uint8 or float in [0, 1] -> (3, H/2, W/2) uint8: the official `F.resize(i, (h//2, w//2))`."""
+    if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"images: expected (H, W, 3) tensors, got "
+                         f"{tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__}")
+    x = image.detach().cpu().permute(2, 0, 1)[None].float()  # (1, 3, H, W)
+    x = x if image.dtype == torch.uint8 else x * 255.0
+    h, w = x.shape[-2:]
+    if h < 2 or w < 2:
+        raise ValueError(f"images: a source image of {h}x{w} pixels is too small")
+    x = nn.functional.interpolate(x, size=(h // 2, w // 2), mode="bilinear", antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8)[0]
+
+
+def _source_images(images, count: int) -> list[torch.Tensor]:
+    """One image shared by all prompts, or one per prompt (a list or an (N, H, W, 3) tensor), halved."""
+    if isinstance(images, torch.Tensor):
+        images = list(images) if images.ndim == 4 else [images]
+    images = list(images)
+    if len(images) == 1:
+        images = images * count
+    if len(images) != count:
+        raise ValueError(f"images: give one source image for all prompts or one per prompt ({count}), "
+                         f"got {len(images)}")
+    return [_half_size(i) for i in images]
+
+
 class QwenEncoder(_LoadedEncoder):
-    """Qwen2.5-VL-7B language model + tokenizer: prompts -> cropped last hidden states and masks."""
+    """Qwen2.5-VL-7B language model + tokenizer: prompts -> cropped last hidden states and masks.
+    The vision tower is read from the same checkpoint when an image_edit encode first gets images."""
     what = "Qwen text"
 
     def __init__(self, model: nn.Module, tokenizer, path: Path, quantization: str | None = None):
         self.model, self.tokenizer, self.path, self.quantization = model, tokenizer, path, quantization
         self._crops: dict[str, int] = {}
+        self._vl = None  # Qwen2_5_VLModel sharing `model`, built on the first encode with images
 
     @classmethod
     def load(cls, path, *, tokenizer=None, comfy_root=None, device="cpu", dtype: torch.dtype | None = None,
@@ -592,12 +686,52 @@ class QwenEncoder(_LoadedEncoder):
             self._crops[content] = crop_start(self.tokenizer, content)
         return self._crops[content]
 
+    def to(self, device):
+        """Move the language model and, once loaded, the vision tower."""
+        super().to(device)
+        if self._vl is not None:
+            self._vl.visual.to(device)
+        return self
+
+    def unload(self) -> None:
+        self._vl = None
+        super().unload()
+
+    def vision_model(self) -> nn.Module:
+        """Qwen2_5_VLModel: this language model + the checkpoint's vision tower, read on first use."""
+        if self._vl is None:
+            from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel
+
+            model = self._live()
+            ckpt = _Checkpoint(self.path)
+            names = {n: k for k in ckpt.keys() if (n := _vision_name(k)) is not None}
+            if "patch_embed.proj.weight" not in names:
+                raise ValueError(f"{self.path}: has no vision tower (no visual.* tensors); image editing with a "
+                                 "source image needs the full Qwen2.5-VL checkpoint (qwen_2.5_vl_7b*.safetensors "
+                                 "or the Qwen/Qwen2.5-VL-7B-Instruct folder)")
+            ids = {f"{kind}_token_id": self.tokenizer.convert_tokens_to_ids(f"<|{token}|>") for kind, token in
+                   (("image", "image_pad"), ("video", "video_pad"), ("vision_start", "vision_start"),
+                    ("vision_end", "vision_end"))}
+            config = Qwen2_5_VLConfig(text_config=model.config.to_dict(),
+                                      vision_config=_vision_config(ckpt, names).to_dict(), **ids)
+            vl = _empty_model(Qwen2_5_VLModel, config)
+            _load_weights(vl.visual, ckpt, names, model.embed_tokens.weight.dtype, self.device)
+            vl.language_model = model  # shared: moving or quantizing `model` applies here too
+            self._vl = vl.requires_grad_(False).eval()
+        return self._vl
+
     def encode(self, prompts, content: str = "video", max_length: int | None = None,
-               pad_to: str = "longest") -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompts -> (text_embed (B, L, D) zero at pads, text_mask (B, L) bool); L <= max_length."""
+               pad_to: str = "longest", images=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts -> (text_embed (B, L, D) zero at pads, text_mask (B, L) bool); L <= max_length.
+
+        `images` (image_edit only): the source image(s), (H, W, 3) uint8 or float in [0, 1], one shared
+        or one per prompt; they are encoded with the prompts as the official I2I code does (no max_length).
+        """
         prompts = _check_prompts(prompts)
         if pad_to not in ("longest", "max_length"):
             raise ValueError(f"pad_to must be 'longest' or 'max_length', got {pad_to!r}")
+        if images is not None:
+            return self._encode_with_images(prompts, content, images, max_length, pad_to)
         model = self._live()
         crop = self.crop_start(content)
         max_length = max_length or DEFAULT_MAX_LENGTH[content]
@@ -606,12 +740,38 @@ class QwenEncoder(_LoadedEncoder):
         ids, mask = tokens["input_ids"], tokens["attention_mask"].bool()  # (B, crop + L), right padded
         with torch.no_grad():  # causal + right padding: real tokens never attend to pads, no mask needed
             hidden = model(input_ids=ids.to(self.device), use_cache=False).last_hidden_state
+        return self._crop(hidden, mask, prompts, content)
+
+    def _encode_with_images(self, prompts: list[str], content: str, images, max_length, pad_to):
+        """The official image_edit encode: prompt + image tokens, halved image, full Qwen2.5-VL."""
+        if content != "image_edit":
+            raise ValueError(f"images: only the image_edit template reads a source image, got content {content!r}")
+        if max_length is not None or pad_to != "longest":
+            raise ValueError("images: with a source image the official code neither truncates nor pads to "
+                             "max_length; leave max_length=None and pad_to='longest'")
+        vl = self.vision_model()
+        pixels = qwen_image_processor()(images=_source_images(images, len(prompts)), return_tensors="pt")
+        grid = pixels["image_grid_thw"]  # (B, 3) patches along t, h, w
+        per_image = (grid.prod(-1) // vl.visual.spatial_merge_size ** 2).tolist()  # tokens after the merger
+        texts = [(PROMPT_TEMPLATES[content].format(p) + IMAGE_TOKENS + "<|im_end|>").replace(
+                 "<|image_pad|>", "<|image_pad|>" * n) for p, n in zip(prompts, per_image)]
+        tokens = self.tokenizer(texts, padding="longest", return_tensors="pt").to(self.device)
+        with torch.no_grad():  # right padding + attention mask: real tokens are as in a batch of one
+            hidden = vl(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+                        pixel_values=pixels["pixel_values"].to(self.device, self.model.embed_tokens.weight.dtype),
+                        image_grid_thw=grid.to(self.device), use_cache=False).last_hidden_state
+        return self._crop(hidden, tokens["attention_mask"].bool(), prompts, content)
+
+    def _crop(self, hidden: torch.Tensor, mask: torch.Tensor, prompts: list[str], content: str):
+        """Drop the official crop from the start; zero the pads; refuse prompts with nothing left."""
+        crop = self.crop_start(content)
         hidden, mask = hidden[:, crop:], mask[:, crop:].to(hidden.device)  # (B, L, D), (B, L)
         empty = [p for p, m in zip(prompts, mask) if not m.any()]
         if empty:
             raise ValueError(f"prompt {empty[0]!r} has no tokens left after the official {content} crop of "
                              f"{crop} tokens, which also drops the first {CROP_PAST_TEMPLATE[content]} prompt "
-                             "tokens; write a longer prompt")
+                             "tokens; write a longer prompt" + (" or pass the source image (images=)"
+                                                                 if content == "image_edit" else ""))
         return hidden.masked_fill(~mask[..., None], 0), mask
 
 
@@ -735,10 +895,11 @@ class TextEncoder:
         return cls(q, c)
 
     def encode(self, prompts, content: str = "video", max_length: int | None = None,
-               pad_to: str = "longest") -> TextEmbeds:
-        """Prompts -> TextEmbeds(text_embed (B, L, D), text_mask (B, L), pooled (B, P)) on the encoders' device."""
+               pad_to: str = "longest", images=None) -> TextEmbeds:
+        """Prompts -> TextEmbeds(text_embed (B, L, D), text_mask (B, L), pooled (B, P)) on the encoders' device.
+        `images`: the I2I source image(s) for content "image_edit" (see QwenEncoder.encode); CLIP reads text only."""
         prompts = _check_prompts(prompts)
-        text_embed, text_mask = self.qwen.encode(prompts, content, max_length, pad_to)
+        text_embed, text_mask = self.qwen.encode(prompts, content, max_length, pad_to, images=images)
         pooled = self.clip.encode(prompts).to(text_embed.device)
         return TextEmbeds(text_embed, text_mask, pooled)
 
@@ -756,6 +917,7 @@ class TextEncoder:
 
 __all__ = [
     "CLIP_L_DIM", "CLIP_MAX_LENGTH", "CONTENT_TYPES", "DEFAULT_MAX_LENGTH", "OFFICIAL_CROP_START",
-    "PROMPT_TEMPLATES", "QWEN_7B_DIM", "ClipEncoder", "QwenEncoder", "TextEmbeds", "TextEncoder",
-    "comfy_tokenizer_dirs", "crop_start", "find_tokenizer",
+    "IMAGE_TOKENS", "PROMPT_TEMPLATES", "QWEN_7B_DIM", "QWEN_IMAGE_PROCESSOR", "ClipEncoder", "QwenEncoder",
+    "TextEmbeds", "TextEncoder",
+    "comfy_tokenizer_dirs", "crop_start", "find_tokenizer", "qwen_image_processor",
 ]

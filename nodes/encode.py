@@ -46,18 +46,24 @@ class K5TextEncode:
             "after": (list(AFTER), {"default": "offload", "tooltip":
                       "what happens to the encoders afterwards: offload to CPU memory, keep on the GPU, or "
                       "unload (frees the most; a new prompt loads them again)"}),
+        }, "optional": {
+            "image": ("IMAGE", {"tooltip": "image_edit (I2I): the source image, read by Qwen2.5-VL together with "
+                                "the prompts as the official pipeline does (then an empty negative prompt works). "
+                                "Give it at the output size, as the sampler's edit latent. Ignored by other "
+                                "content types."}),
         }}
 
-    def encode(self, text_encoder: TextEncoderHandle, prompt, negative_prompt, content, after):
+    def encode(self, text_encoder: TextEncoderHandle, prompt, negative_prompt, content, after, image=None):
         if content not in CONTENT_TYPES:
             raise ValueError(f"content: expected one of {', '.join(CONTENT_TYPES)}, got {content!r}")
         if after not in AFTER:
             raise ValueError(f"after: expected one of {', '.join(AFTER)}, got {after!r}")
-        key = (text_encoder, prompt, negative_prompt, content)
+        source = image[0] if image is not None and content == "image_edit" else None  # (H, W, 3) float [0, 1]
+        key = (text_encoder, prompt, negative_prompt, content, _fingerprint(source))
         embeds = EMBEDS.get(key)
         if embeds is None:
             encoder = CACHE.text_encoder(text_encoder)
-            both = encoder.encode([prompt, negative_prompt], content)
+            both = encoder.encode([prompt, negative_prompt], content, images=source)
             embeds = Embeds(both.select(0).to("cpu"), both.select(1).to("cpu"), content, prompt, negative_prompt)
             EMBEDS.put(key, embeds)
         if after == "unload":
@@ -65,6 +71,16 @@ class K5TextEncode:
         elif after == "offload":
             CACHE.offload_text_encoder(text_encoder)
         return (embeds,)
+
+
+def _fingerprint(image) -> str | None:
+    """A digest of the source image's pixels, so the embeddings cache tells images apart."""
+    if image is None:
+        return None
+    import hashlib
+
+    data = image.detach().cpu().contiguous()
+    return hashlib.sha1(str(tuple(data.shape)).encode() + data.numpy().tobytes()).hexdigest()
 
 
 NODE_CLASS_MAPPINGS = {"K5TextEncode": K5TextEncode}

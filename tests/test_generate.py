@@ -158,3 +158,24 @@ def test_pipeline_i2v_from_an_image_to_frames(tmp_path):
     assert torch.equal(result.latent[:, :, :1], latent)        # the first latent frame is the image's
     assert result.frames.shape == (1, 9, 64, 96, 3) and 0 <= result.frames.min() and result.frames.max() <= 1
     assert steps[:2] == [(1, 2, "StepInfo"), (2, 2, "StepInfo")] and steps[-1][2] == "str"  # then VAE tiles
+
+
+def test_demo_i2i_encodes_the_source_image_with_an_empty_negative_prompt(tmp_path, monkeypatch):
+    src = tmp_path / "source.png"
+    Image.fromarray((torch.rand(40, 60, 3, generator=torch.Generator().manual_seed(1)) * 255)
+                    .to(torch.uint8).numpy()).save(src)
+    seen = []
+    from k5core import text
+    encode = text.TextEncoder.encode
+    monkeypatch.setattr(text.TextEncoder, "encode",
+                        lambda self, *a, **k: seen.append((a, k.get("images"))) or encode(self, *a, **k))
+    out = tmp_path / "edit.png"
+    assert cli.main(["--demo", "--task", "k5-tiny-i2i", "--image", str(src), "--output", str(out), "--seed", "2",
+                     "--steps", "2", "--guidance", "3", "--negative_prompt", ""]) == 0
+    (prompts, content), image = seen[0]
+    assert prompts[1] == "" and content == "image_edit"      # the empty negative prompt is encoded ...
+    assert image is not None and image.dtype == torch.uint8   # ... with the source image at the output size
+    with Image.open(out) as im:
+        assert im.size[::-1] == tuple(image.shape[:2])
+        meta = json.loads(im.text["Comment"])
+    assert meta["task"] == "k5-tiny-i2i" and meta["negative_prompt"] == "" and meta["guidance"] == 3

@@ -186,6 +186,21 @@ def test_text_encode_caches_by_text_and_unloads_on_request():
     assert first.positive.text_embed.device.type == "cpu"
 
 
+def test_text_encode_image_edit_reads_the_source_image():
+    _, te, _ = loaders()
+    image = torch.rand(1, 40, 60, 3, generator=torch.Generator().manual_seed(0))    # ComfyUI IMAGE
+    args = dict(text_encoder=te, prompt="a red fox runs through snow", negative_prompt="", content="image_edit",
+                after="keep")
+    (with_image,) = call("K5TextEncode", **args, image=image)
+    assert with_image.negative.lengths[0] > 0                         # an empty negative prompt works
+    (again,) = call("K5TextEncode", **args, image=image.clone())
+    assert again is with_image                                        # cached by the pixels
+    (other,) = call("K5TextEncode", **args, image=image.flip(1))
+    assert not torch.equal(other.positive.text_embed, with_image.positive.text_embed)
+    with pytest.raises(ValueError, match="no tokens left"):           # without the image: text only
+        call("K5TextEncode", **args)
+
+
 def test_text_encoder_loader_takes_hf_folders_and_tokenizer_paths(models_dir):
     (te,) = call("K5TextEncoderLoader", qwen=TINY["qwen"], clip=TINY["clip_folder"], quantization="none",
                  dtype="fp32", device="cpu", qwen_tokenizer=str(models_dir.parent / "comfy/text_encoders/qwen25_tokenizer"),

@@ -309,3 +309,87 @@ def test_official_crops_with_the_real_qwen_tokenizer():
 
     tok = Qwen2TokenizerFast.from_pretrained(folder, local_files_only=True)
     assert {c: crop_start(tok, c) for c in CONTENT_TYPES} == OFFICIAL_CROP_START
+
+
+# ---------------------------------------------------------------------------- image_edit with the source image
+EDIT_IMAGE = (torch.rand(120, 176, 3, generator=torch.Generator().manual_seed(3)) * 255).to(torch.uint8)
+
+
+def _official_qwen_with_image(folder, prompt, image):
+    """The official image_edit procedure for one prompt: image tokens + <|im_end|> appended, the image
+    halved, processor (the official one when torchvision is there to build it), full model, crop."""
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    from k5core.text import IMAGE_TOKENS, qwen_image_processor
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(folder), local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    x = image.permute(2, 0, 1)[None]                                       # (1, 3, H, W) uint8
+    h, w = x.shape[-2:]
+    try:
+        import torchvision.transforms.functional as F
+        half = F.resize(x, (h // 2, w // 2))
+    except ImportError:  # what torchvision's resize does on uint8: antialiased bilinear, rounded
+        half = torch.nn.functional.interpolate(x.float(), size=(h // 2, w // 2), mode="bilinear", antialias=True)
+        half = half.round().to(torch.uint8)
+    text = PROMPT_TEMPLATES["image_edit"].format(prompt) + IMAGE_TOKENS + "<|im_end|>"
+    try:
+        from transformers import Qwen2_5_VLProcessor
+        processor = Qwen2_5_VLProcessor(image_processor=qwen_image_processor(), tokenizer=tok)
+        inputs = processor(text=[text], images=[half], padding=True, return_tensors="pt")
+    except (AttributeError, ImportError, ValueError):  # no torchvision: the processor's own two steps
+        pixels = qwen_image_processor()(images=[half], return_tensors="pt")
+        n = int(pixels["image_grid_thw"].prod()) // 4
+        inputs = {**tok([text.replace("<|image_pad|>", "<|image_pad|>" * n)], return_tensors="pt"), **pixels}
+    with torch.no_grad():
+        hidden = model(**inputs, output_hidden_states=True)["hidden_states"][-1]
+    return hidden[0, crop_start(tok, "image_edit"):]
+
+
+@pytest.mark.parametrize("source", ["qwen_file", "qwen_folder"])
+def test_image_edit_with_image_matches_official(tiny, source):
+    te = QwenEncoder.load(tiny[source], text_dim=TINY_TEXT_DIM)
+    te.encode(["a fox"], "video")
+    assert te._vl is None                                  # text-only encodes never read the vision tower
+    prompts = [PROMPTS[0], "", "hi"]                       # empty and short prompts keep the image tokens
+    embed, mask = te.encode(prompts, "image_edit", images=EDIT_IMAGE)
+    assert te._vl is not None
+    for i, prompt in enumerate(prompts):
+        ref = _official_qwen_with_image(tiny["qwen_folder"], prompt, EDIT_IMAGE)
+        n = int(mask[i].sum())
+        assert n == ref.shape[0] and bool(mask[i, :n].all())
+        torch.testing.assert_close(embed[i, :n], ref, atol=1e-5, rtol=1e-5)
+        assert not embed[i, n:].any()
+    # 60x88 half image -> 56x84 -> 4x6 patches -> 6 merged tokens, + vision_start/end, im_end, - 3 cropped
+    assert int(mask[1].sum()) == 6 + 3 - 3
+
+
+def test_image_edit_empty_negative_prompt_and_image_forms(enc):
+    both = enc.encode(["Waves crash on black rocks.", ""], "image_edit", images=EDIT_IMAGE)
+    assert both.lengths[1] > 0 and both.pooled.shape == (2, TINY_POOLED_DIM)
+    alone = enc.encode([""], "image_edit", images=EDIT_IMAGE.float() / 255)   # float in [0, 1]: same
+    torch.testing.assert_close(alone.text_embed[0], both.select(1).text_embed[0], atol=1e-5, rtol=1e-5)
+    per_prompt = enc.encode(["Waves crash on black rocks.", ""], "image_edit", images=[EDIT_IMAGE, EDIT_IMAGE])
+    torch.testing.assert_close(per_prompt.text_embed, both.text_embed)
+    other = enc.encode([""], "image_edit", images=EDIT_IMAGE.flip(0))
+    assert not torch.allclose(other.text_embed, alone.text_embed)          # the image is really read
+    with pytest.raises(ValueError, match="only the image_edit template"):
+        enc.encode(["a fox"], "image", images=EDIT_IMAGE)
+    with pytest.raises(ValueError, match="one per prompt"):
+        enc.encode(["a", "b", "c"], "image_edit", images=[EDIT_IMAGE, EDIT_IMAGE])
+    with pytest.raises(ValueError, match="expected \\(H, W, 3\\)"):
+        enc.encode(["a fox"], "image_edit", images=EDIT_IMAGE.permute(2, 0, 1))
+    with pytest.raises(ValueError, match="neither truncates nor pads"):
+        enc.qwen.encode(["a fox"], "image_edit", max_length=12, images=EDIT_IMAGE)
+
+
+def test_image_edit_without_vision_tower_is_named(tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    text_only = {k: v for k, v in load_file(str(tiny["qwen_file"])).items() if not k.startswith("visual.")}
+    path = tmp_path / "qwen_text_only.safetensors"
+    save_safetensors(text_only, path, {"config": (tiny["qwen_folder"] / "config.json").read_text()})
+    te = QwenEncoder.load(path, tokenizer=tiny["qwen_tokenizer"], text_dim=TINY_TEXT_DIM)
+    te.encode([PROMPTS[0]], "image_edit")                   # text only still works
+    with pytest.raises(ValueError, match="has no vision tower"):
+        te.encode([PROMPTS[0]], "image_edit", images=EDIT_IMAGE)

@@ -129,13 +129,19 @@ class Sampler:
                                    qwen_tokenizer=cfg.qwen_tokenizer, clip_tokenizer=cfg.clip_tokenizer,
                                    comfy_root=cfg.comfy_root)
         with torch.no_grad():
-            self.embeds = [tuple(None if e is None else e.to("cpu") for e in pipeline.encode_prompts(encoder, s))
-                           for s in self.settings]
+            self.embeds = [tuple(None if e is None else e.to("cpu")
+                                 for e in pipeline.encode_prompts(encoder, s, self._edit_source(task, p)))
+                           for s, p in zip(self.settings, self.prompts)]
         encoder.unload()
         del encoder
         self.vae = load_vae(cfg.vae, device="cpu")
         if self.vae.kind != task.vae:
             raise ValueError(f"--vae {cfg.vae}: a {self.vae.kind} VAE; task {task.name} needs the {task.vae} VAE")
+
+    @staticmethod
+    def _edit_source(task: Task, prompt):
+        """I2I prompts are encoded with their source image (Qwen's vision tokens), as in generate."""
+        return read_image(prompt.image) if task.mode == "i2i" and prompt.image else None
 
     def _vae_to(self, device) -> None:
         """Move the VAE only when it is elsewhere (moves are slow and chatty)."""
