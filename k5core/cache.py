@@ -185,18 +185,26 @@ def _shapes(header: dict, prefix: str) -> list[tuple]:
             if k.startswith(prefix) and not (prefix == "latents_" and k.startswith(("latents_image_", "latents_control_")))]
 
 
+def _read_cache(path: Path) -> tuple[dict, dict, str | None]:
+    """(tensor table, metadata, None) of one of our cache files, or the reason it is unusable."""
+    if not path.exists():
+        return {}, {}, f"{path}: missing"
+    try:
+        header, meta = read_safetensors_header(path)
+    except ValueError as e:
+        return {}, {}, str(e)
+    if meta.get("architecture") != ARCHITECTURE:
+        return header, meta, f"{path}: architecture {meta.get('architecture')!r}, expected {ARCHITECTURE!r}"
+    return header, meta, None
+
+
 def latent_cache_problem(item: Item, *, vae_kind: str | None = None, i2v: bool = False) -> str | None:
     """Why the item's latent cache cannot be used as is (None when it can): missing, truncated,
     another architecture, a latent of another size, no I2V condition, or an older source file."""
     path = latent_cache_path(item)
-    if not path.exists():
-        return f"{path}: missing"
-    try:
-        header, meta = read_safetensors_header(path)
-    except ValueError as e:
-        return str(e)
-    if meta.get("architecture") != ARCHITECTURE:
-        return f"{path}: architecture {meta.get('architecture')!r}, expected {ARCHITECTURE!r}"
+    header, meta, problem = _read_cache(path)
+    if problem:
+        return problem
     if vae_kind and meta.get("k5_vae_kind", vae_kind) != vae_kind:
         return f"{path}: built with the {meta['k5_vae_kind']} VAE, this task uses the {vae_kind} VAE"
     want = _expected_latent_shape(item, vae_kind or meta.get("k5_vae_kind", "hunyuan"))
@@ -215,14 +223,9 @@ def text_cache_problem(item: Item, *, content: str | None = None, text_dim: int 
     """Why the item's text cache cannot be used as is (None when it can): missing, truncated,
     another architecture, another caption, another prompt template, or other embedding widths."""
     path = text_cache_path(item)
-    if not path.exists():
-        return f"{path}: missing"
-    try:
-        header, meta = read_safetensors_header(path)
-    except ValueError as e:
-        return str(e)
-    if meta.get("architecture") != ARCHITECTURE:
-        return f"{path}: architecture {meta.get('architecture')!r}, expected {ARCHITECTURE!r}"
+    header, meta, problem = _read_cache(path)
+    if problem:
+        return problem
     if item.caption is not None and meta.get("caption1") != item.caption:
         return f"{path}: made for another caption ({meta.get('caption1')!r})"
     if content and meta.get("k5_content", content) != content:
