@@ -143,13 +143,20 @@ def infer_task(params: DiTParams, path: Path) -> Task:
             f"{path}: tensor shapes match no Kandinsky 5 task (model_dim {params.model_dim}, "
             f"{params.num_text_blocks}+{params.num_visual_blocks} blocks, text dim {params.in_text_dim}, "
             f"visual input {params.visual_embed_dim} channels)")
-    name = path.name.lower()
+    name = _name_for_task(path)
     for tokens in (("i2v",), ("i2i",), ("10s",), ("distil",), ("nocfg",), ("pretrain",), ("hd",)):
         narrowed = [t for t in candidates if all(tok in t.name for tok in tokens)]
         if narrowed and all(tok in name for tok in tokens):
             candidates = narrowed
     plain = [t for t in candidates if t.variant in ("sft", "tiny")]
     return (plain or candidates)[0]
+
+
+def _name_for_task(path: Path) -> str:
+    """The name that tells tasks apart: the file name, or for a diffusers `transformer` folder its
+    repository folder too (e.g. Kandinsky-5.0-I2V-Lite-5s-Diffusers/transformer)."""
+    parts = [path.parent.name, path.name] if path.is_dir() else [path.name]
+    return "/".join(parts).lower()
 
 
 def _same_shapes(a: DiTParams, b: DiTParams) -> bool:

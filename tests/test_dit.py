@@ -250,3 +250,10 @@ def test_bf16_model_runs_time_embedding_and_modulation_in_fp32():
     with torch.no_grad():
         out = model(x.bfloat16(), t, text.bfloat16(), pooled.bfloat16())
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_diffusers_folder_task_from_its_repository_name(tmp_path):
+    folder = write_tiny_dit(tmp_path / "Kandinsky-5.0-I2V-Tiny-5s-Diffusers", task="k5-tiny-i2v", layout="diffusers")
+    target = folder.parent / "transformer"
+    folder.rename(target)
+    assert load_dit(target).task.name == "k5-tiny-i2v"
