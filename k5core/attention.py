@@ -84,9 +84,11 @@ _KERNELS = {"flash2": _flash2, "flash3": _flash3, "sage": _sage, "xformers": _xf
 
 
 # ----------------------------------------------------------------------------- NABLA
+@functools.lru_cache(maxsize=8)
 def sta_mask(t: int, h: int, w: int, wT: int, wH: int, wW: int, device=None) -> torch.Tensor:
     """Sliding-tile mask over NABLA blocks: block i sees block j when |dt|, |dh|, |dw| are within
-    half the window. Blocks are ordered (t, h, w); returns (t*h*w, t*h*w) bool."""
+    half the window. Blocks are ordered (t, h, w); returns (t*h*w, t*h*w) bool. Cached: every step
+    and every block of a generation asks for the same one."""
     grid = torch.stack(torch.meshgrid(torch.arange(t, device=device), torch.arange(h, device=device),
                                       torch.arange(w, device=device), indexing="ij"), -1).reshape(-1, 3)
     dist = (grid[:, None, :] - grid[None, :, :]).abs()  # (N, N, 3)

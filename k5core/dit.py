@@ -333,7 +333,7 @@ class K5DiT(nn.Module):
             raise ValueError(f"NABLA attention needs the token grid's height and width divisible by "
                              f"{NABLA_TILE} (got {h}x{w} tokens: use sizes divisible by "
                              f"{NABLA_TILE * 16} pixels)")
-        sta = sta_mask(t, h // NABLA_TILE, w // NABLA_TILE, attn.wT, attn.wH, attn.wW, device)
+        sta = sta_mask(t, h // NABLA_TILE, w // NABLA_TILE, attn.wT, attn.wH, attn.wW, torch.device(device))
         return {"sta": sta if attn.add_sta else None, "P": attn.P}
 
     def _check_input(self, x):
