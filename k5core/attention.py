@@ -44,9 +44,8 @@ def _available(name: str) -> bool:
 
 
 def attention(q, k, v, key_mask: torch.Tensor | None = None, backend: str = "sdpa"):
-    """Dense attention; `key_mask` (B, Sk) bool marks real keys (padded text is False)."""
-    if key_mask is not None and bool(key_mask.all()):
-        key_mask = None
+    """Dense attention; `key_mask` (B, Sk) bool marks real keys (padded text is False). Callers pass
+    None when nothing is padded (K5DiT checks once per forward, not once per layer)."""
     if backend == "sdpa" or key_mask is not None or q.device.type != "cuda":
         return _sdpa(q, k, v, key_mask)  # the optional kernels take no padding mask here
     return _KERNELS[backend](q, k, v)

@@ -295,6 +295,8 @@ class K5DiT(nn.Module):
     def forward(self, x, timestep, text_embed, pooled_text_embed, text_mask=None,
                 scale_factor=(1.0, 1.0, 1.0), sparse: Attention | None = None):
         self._check_input(x)
+        if text_mask is not None and bool(text_mask.all()):
+            text_mask = None  # nothing padded: the unmasked (fast-kernel) path, one sync per forward
         text, time_embed, text_rope = self.embed_text_and_time(text_embed, pooled_text_embed, timestep)
         for block in self.text_transformer_blocks:
             text = block(text, time_embed, text_rope, text_mask)
