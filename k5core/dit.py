@@ -32,9 +32,13 @@ def rope_rotations(angles: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive channel pairs of x (B, S, heads, D) by rope (B|1, S, 1, D/2, 2, 2), in fp32."""
-    pairs = x.float().unflatten(-1, (-1, 1, 2))      # (B, S, heads, D/2, 1, 2)
-    return (rope * pairs).sum(-1).flatten(-2).type_as(x)
+    """Rotate consecutive channel pairs of x (B, S, heads, D) by rope (B|1, S, 1, D/2, 2, 2), in fp32.
+    Written out per matrix entry so no (..., D/2, 2, 2) product is materialised (4x less memory)."""
+    pairs = x.float().unflatten(-1, (-1, 2))         # (B, S, heads, D/2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    out0 = rope[..., 0, 0] * x0 + rope[..., 0, 1] * x1
+    out1 = rope[..., 1, 0] * x0 + rope[..., 1, 1] * x1
+    return torch.stack([out0, out1], dim=-1).flatten(-2).type_as(x)
 
 
 def linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
