@@ -296,6 +296,16 @@ class K5DiT(nn.Module):
             if isinstance(m, MultiheadAttention):
                 m.backend = backend
 
+    def compile_blocks(self, enabled: bool = True, backend: str = "inductor", mode: str | None = None) -> None:
+        """torch.compile every transformer block in place (regional compilation: the same block code
+        compiles once and serves all blocks; fuses the fp32 norm/modulation math and fp8 dequant).
+        Hooks added later (LoRA) and block swap keep working; `enabled=False` restores eager blocks."""
+        for block in (*self.text_transformer_blocks, *self.visual_transformer_blocks):
+            if enabled:
+                block.compile(backend=backend, mode=mode)
+            else:
+                block._compiled_call_impl = None  # what nn.Module.compile set
+
     def forward(self, x, timestep, text_embed, pooled_text_embed, text_mask=None,
                 scale_factor=(1.0, 1.0, 1.0), sparse: Attention | None = None):
         self._check_input(x)

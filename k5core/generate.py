@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp8_scaled", action="store_true", help="fp8 with per-channel scales (implies --fp8_base)")
     p.add_argument("--fp8_fast", action="store_true", help="fp8 matmuls (torch._scaled_mm, sm89+; implies --fp8_base)")
     p.add_argument("--blocks_to_swap", type=int, default=0, help="DiT blocks kept in CPU memory")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the DiT blocks (faster sampling on GPUs after a one-time compile)")
     p.add_argument("--lora_weight", nargs="*", default=None, help="LoRA file(s)")
     p.add_argument("--lora_multiplier", type=float, nargs="*", default=None, help="one per --lora_weight")
     p.add_argument("--no_batch_cfg", action="store_true", help="run the two guidance branches one by one")
@@ -270,6 +272,8 @@ def load_dit_for(args, task: Task, device):
     if swap:
         from .offload import enable_block_swap
         enable_block_swap(dit, args.blocks_to_swap, device)
+    if args.compile:
+        dit.compile_blocks()
     return dit.eval()
 
 

@@ -62,6 +62,7 @@ class ModelHandle:
     blocks_to_swap: int = 0
     activation_offload: bool = False
     fp8_scaled_mm: bool = False
+    compile: bool = False
     loras: tuple[LoraSpec, ...] = ()
 
     @property
@@ -73,9 +74,10 @@ class ModelHandle:
         return replace(self, loras=self.loras + (lora,))
 
     def with_memory(self, blocks_to_swap: int, activation_offload: bool, fp8: str | None = None,
-                    fp8_scaled_mm: bool = False) -> "ModelHandle":
+                    fp8_scaled_mm: bool = False, compile: bool = False) -> "ModelHandle":
         return replace(self, blocks_to_swap=int(blocks_to_swap), activation_offload=bool(activation_offload),
-                       fp8=self.fp8 if fp8 in (None, "keep") else fp8, fp8_scaled_mm=bool(fp8_scaled_mm))
+                       fp8=self.fp8 if fp8 in (None, "keep") else fp8, fp8_scaled_mm=bool(fp8_scaled_mm),
+                       compile=bool(compile))
 
     @property
     def task_config(self):
@@ -112,6 +114,7 @@ class _LoadedDiT:
     lora_names: list[str] = field(default_factory=list)
     blocks_to_swap: int = 0
     scaled_mm: bool = False
+    compiled: bool = False
 
 
 def _bytes_on_disk(path) -> int:
@@ -261,6 +264,9 @@ class ModelCache:
             from k5core.fp8 import use_scaled_mm
             use_scaled_mm(entry.model, handle.fp8_scaled_mm)
             entry.scaled_mm = handle.fp8_scaled_mm
+        if entry.compiled != handle.compile:
+            entry.model.compile_blocks(handle.compile)
+            entry.compiled = handle.compile
 
     @staticmethod
     def _set_block_swap(entry: _LoadedDiT, blocks: int, device) -> None:

@@ -48,9 +48,9 @@ class K5ModelLoader:
 
 
 class K5MemorySettings:
-    DESCRIPTION = ("Memory settings of a Kandinsky 5 model: block swap (the last N visual blocks live in pinned "
-                   "CPU memory and stream to the GPU as they run), activation offload (training), fp8 storage of "
-                   "a model loaded in high precision (converted in place, no reload).")
+    DESCRIPTION = ("Memory and speed settings of a Kandinsky 5 model: block swap (the last N visual blocks live "
+                   "in pinned CPU memory and stream to the GPU as they run), activation offload (training), fp8 "
+                   "storage of a model loaded in high precision (converted in place, no reload), torch.compile.")
     CATEGORY = comfy.CATEGORY
     RETURN_TYPES = ("K5_MODEL",)
     RETURN_NAMES = ("model",)
@@ -69,14 +69,18 @@ class K5MemorySettings:
                     "keep: as loaded; otherwise quantize the loaded model's block weights to fp8"}),
             "fp8_scaled_mm": ("BOOLEAN", {"default": False, "tooltip":
                               "fp8 models: use torch._scaled_mm on GPUs that have it (faster, slightly less exact)"}),
+        }, "optional": {
+            "compile": ("BOOLEAN", {"default": False, "tooltip":
+                        "torch.compile the transformer blocks: faster sampling on GPUs after a one-time compile "
+                        "(a minute or more; again for each new size)"}),
         }}
 
-    def apply(self, model: ModelHandle, blocks_to_swap, activation_offload, fp8, fp8_scaled_mm):
+    def apply(self, model: ModelHandle, blocks_to_swap, activation_offload, fp8, fp8_scaled_mm, compile=False):
         blocks = model.task_config.dit.num_visual_blocks
         if not 0 <= blocks_to_swap <= blocks:
             raise ValueError(f"blocks_to_swap: task {model.task} has {blocks} visual blocks; swap 0 to "
                              f"{blocks}, got {blocks_to_swap}")
-        return (model.with_memory(blocks_to_swap, activation_offload, fp8, fp8_scaled_mm),)
+        return (model.with_memory(blocks_to_swap, activation_offload, fp8, fp8_scaled_mm, compile),)
 
 
 class K5TextEncoderLoader:

@@ -257,3 +257,25 @@ def test_diffusers_folder_task_from_its_repository_name(tmp_path):
     target = folder.parent / "transformer"
     folder.rename(target)
     assert load_dit(target).task.name == "k5-tiny-i2v"
+
+
+def test_compiled_blocks_give_the_same_output_and_follow_lora_hooks():
+    """The compile mechanism on CPU with dynamo's eager backend (inductor is the default on GPUs)."""
+    from k5core.lora import LoRANetwork
+    model = build_dit(get_task("k5-tiny-t2v"))
+    model.load_state_dict(tiny_state_dict(seed=8))
+    x, t, text, pooled = inputs()
+    with torch.no_grad():
+        ref = model(x, t, text, pooled)
+        model.compile_blocks(backend="eager")
+        assert torch.allclose(model(x, t, text, pooled), ref, atol=1e-6)
+        net = LoRANetwork(model, rank=4, alpha=4)
+        net.apply_to()
+        for a in net.adapters().values():
+            a.lora_up.weight.normal_()
+        assert not torch.allclose(model(x, t, text, pooled), ref, atol=1e-3)  # no stale graph
+        net.remove()
+        assert torch.allclose(model(x, t, text, pooled), ref, atol=1e-6)
+        model.compile_blocks(False)
+        assert all(b._compiled_call_impl is None for b in model.visual_transformer_blocks)
+        assert torch.equal(model(x, t, text, pooled), ref)

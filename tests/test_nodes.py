@@ -274,6 +274,25 @@ def test_block_swap_is_switched_per_handle_and_keeps_the_result():
     assert sum(CACHE.loads.values()) == loads
 
 
+
+def test_compile_is_switched_per_handle_without_a_reload(monkeypatch):
+    from k5core.dit import K5DiT
+    compile_blocks = K5DiT.compile_blocks
+    monkeypatch.setattr(K5DiT, "compile_blocks",   # dynamo's eager backend: the mechanism, fast on CPU
+                        lambda self, enabled=True: compile_blocks(self, enabled, backend="eager"))
+    model, te, _ = loaders()
+    embeds = encode(te)
+    base = sample(model, embeds, seed=5)["samples"]
+    (fast,) = call("K5MemorySettings", model=model, blocks_to_swap=0, activation_offload=False, fp8="keep",
+                   fp8_scaled_mm=False, compile=True)
+    loads = sum(CACHE.loads.values())
+    assert torch.allclose(sample(fast, embeds, seed=5)["samples"], base, atol=1e-5)
+    assert all(b._compiled_call_impl is not None for b in CACHE.dit(fast).visual_transformer_blocks)
+    sample(model, embeds, seed=5)
+    assert all(b._compiled_call_impl is None for b in CACHE.dit(model).visual_transformer_blocks)
+    assert sum(CACHE.loads.values()) == loads
+
+
 # ----------------------------------------------------------------------------- inside ComfyUI
 
 
