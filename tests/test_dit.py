@@ -276,6 +276,11 @@ def test_compiled_blocks_give_the_same_output_and_follow_lora_hooks():
         assert not torch.allclose(model(x, t, text, pooled), ref, atol=1e-3)  # no stale graph
         net.remove()
         assert torch.allclose(model(x, t, text, pooled), ref, atol=1e-6)
+        from k5core.offload import enable_block_swap
+        with pytest.warns(UserWarning, match="does nothing"):
+            enable_block_swap(model, 1, "cpu")   # the swap runner around compiled blocks
+        assert torch.allclose(model(x, t, text, pooled), ref, atol=1e-6)
+        enable_block_swap(model, 0, "cpu")
         model.compile_blocks(False)
         assert all(b._compiled_call_impl is None for b in model.visual_transformer_blocks)
         assert torch.equal(model(x, t, text, pooled), ref)
