@@ -227,13 +227,6 @@ def should_stop() -> bool:
     return bool(mm is not None and mm.processing_interrupted())
 
 
-def raise_if_interrupted() -> None:
-    """Raise ComfyUI's InterruptProcessingException when the user cancelled (clears the flag)."""
-    mm = _module("comfy.model_management")
-    if mm is not None:
-        mm.throw_exception_if_processing_interrupted()
-
-
 def interrupted(error: BaseException) -> BaseException:
     """What to raise for a k5core cancel (InterruptedError): ComfyUI's interrupt exception when the
     user cancelled in ComfyUI (so the queue shows "interrupted", not an error), else the error itself."""
